@@ -1,6 +1,6 @@
 """Time the Taylor-coefficient instruments against the nested-autodiff oracle.
 
-Paper size (SPEC section 4): l = 8, m = 16, r = 2 (hidden widths 16 k^2), m_0 = 784,
+Paper size (docs/theory.md §5): l = 8, m = 16, r = 2 (hidden widths 16 k^2), m_0 = 784,
 C = 10, n = 256, float64. ``--quick`` runs a tiny network instead, for a smoke test.
 
     PYTHONPATH=src python benchmarks/bench_taylor.py [--quick] [--repeats 3]
@@ -73,7 +73,9 @@ def taylor_full_polynomial(weights, x, y, a=0.5, b=0.5):
     f = torch.einsum("abnc,dnc->abd", z2, su) / n
     T3 = (
         torch.einsum("anc,bnc,dnc->abd", su, ubar, ubar) / n
-        + f + f.permute(0, 2, 1) + f.permute(2, 0, 1)
+        + f
+        + f.permute(0, 2, 1)
+        + f.permute(2, 0, 1)
         + torch.einsum("nc,abdnc->abd", g, z3) / n
     )
     return T1, T2, T3
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     # Network and batch: random N(0,1) inputs stand in for standardized MNIST pixels.
-    depth, width, r, d_in, n_classes, n = (3, 4, 2, 20, 10, 16) if args.quick else (
-        8, 16, 2, 784, 10, 256
+    depth, width, r, d_in, n_classes, n = (
+        (3, 4, 2, 20, 10, 16) if args.quick else (8, 16, 2, 784, 10, 256)
     )
     gen = torch.Generator().manual_seed(0)
     widths = model.layer_widths(d_in, depth, width, r, n_classes)
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "T1/T2/T3 jets": lambda: taylor_coefficients(weights, x, y),
         "directional jet": lambda: taylor_directional(weights, x, y, tau),
         "T1/T2/T3 full polynomial": lambda: taylor_full_polynomial(weights, x, y),
-        "T1/T2 autodiff (order=2)": lambda: taylor_coefficients_autodiff(
-            weights, x, y, order=2
-        ),
+        "T1/T2 autodiff (order=2)": lambda: taylor_coefficients_autodiff(weights, x, y, order=2),
         "T1/T2/T3 autodiff": lambda: taylor_coefficients_autodiff(weights, x, y),
     }
     times, outs = {}, {}
@@ -135,8 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         if cheap:
             fn()
         times[name], outs[name] = best_time(fn, args.repeats if cheap else 1)
-        log.info("%-26s %8.3f s  (%5.1f units)", name, times[name],
-                 times[name] / times["forward+backward (unit)"])
+        log.info(
+            "%-26s %8.3f s  (%5.1f units)",
+            name,
+            times[name],
+            times[name] / times["forward+backward (unit)"],
+        )
 
     # Agreement of the routes, then the speed-ups.
     slow = outs["T1/T2/T3 autodiff"]

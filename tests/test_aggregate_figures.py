@@ -109,7 +109,9 @@ def write_run(root, r, scaling, eta, seed):
         "srank_last": srank,
         "stable_rank_last": 2.0,
         "sharpness_init": eos[0] * 2 / eta if eos else None,
+        "sharpness_last": eos[-1] * 2 / eta if eos else None,
         "eos_ratio_init": eos[0] if eos else None,
+        "eos_ratio_last": eos[-1] if eos else None,
         "max_eos_ratio": max(eos) if eos else None,
     }
     (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

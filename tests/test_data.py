@@ -81,7 +81,7 @@ def test_prepared_files_match_known_facts(mnist_root):
     assert tuple(np.bincount(train_y)) == data.TRAIN_CLASS_COUNTS
     assert tuple(np.bincount(test_y)) == data.TEST_CLASS_COUNTS
 
-    # Measured: mean 0.1306605, std 0.3081078; SPEC's constants are these to 4 decimals.
+    # Measured: mean 0.1306605, std 0.3081078; the documented constants are these to 4 decimals.
     # Squares of bytes fit in uint16, which keeps the temporaries small.
     squares = np.square(train_x.astype(np.uint16))
     mean = train_x.mean(dtype=np.float64) / 255

@@ -1,4 +1,4 @@
-"""Sharpness by Lanczos over Hessian-vector products (SPEC section 3)."""
+"""Sharpness by Lanczos over Hessian-vector products (docs/theory.md §4)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from beyond_eos import model
-from beyond_eos.sharpness import hvp_operator, sharpness, top_eigenpair
+from beyond_eos.sharpness import DEFAULT_TOL, hvp_operator, sharpness, top_eigenpair
 
 ACTIVATIONS = [(0.5, 0.5), (0.0, 1.0), (1.0, 0.3)]
 
@@ -70,7 +70,7 @@ def test_sharpness_is_the_top_dense_eigenvalue(ab):
     assert lam == pytest.approx(top, rel=1e-6)
     assert vec.shape == (H.shape[0],)
     residual = H.numpy() @ vec - lam * vec
-    assert np.linalg.norm(residual) < 1e-5 * abs(lam)
+    assert np.linalg.norm(residual) <= 2 * DEFAULT_TOL * abs(lam)
 
 
 def test_preconditioned_sharpness():
@@ -78,8 +78,9 @@ def test_preconditioned_sharpness():
     weights, x, y = make_problem(seed=4)
     xi = [0.5, 2.0, 3.0]
     H = dense_hessian(weights, x, y, a, b)
-    root = torch.cat([torch.full((w.numel(),), v**0.5, dtype=torch.float64)
-                      for w, v in zip(weights, xi)])
+    root = torch.cat(
+        [torch.full((w.numel(),), v**0.5, dtype=torch.float64) for w, v in zip(weights, xi)]
+    )
     top = torch.linalg.eigvalsh(root[:, None] * H * root[None, :])[-1].item()
     lam, _ = sharpness(weights, x, y, a, b, precond=xi)
     assert lam == pytest.approx(top, rel=1e-6)
@@ -101,8 +102,9 @@ def test_float32_weights_are_measured_in_float64():
 def test_lanczos_recovers_a_known_spectrum_and_is_deterministic():
     A = quadratic(60, top=7.5, seed=6)
     lam, vec = top_eigenpair(lambda v: A @ v, dim=60)
+    # the residual meets ARPACK's test (<= tol |lambda|), the eigenvalue is far better
+    assert np.linalg.norm(A @ vec - lam * vec) <= 2 * DEFAULT_TOL * lam
     assert lam == pytest.approx(7.5, rel=1e-10)
-    assert np.linalg.norm(A @ vec - lam * vec) < 1e-6
     lam_again, vec_again = top_eigenpair(lambda v: A @ v, dim=60)
     assert lam_again == lam and np.array_equal(vec_again, vec)
     with pytest.raises(ValueError, match="dim"):

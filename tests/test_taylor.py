@@ -1,4 +1,4 @@
-"""Taylor coefficients of the minibatch loss along the per-layer gradients (SPEC section 3).
+"""Taylor coefficients of the minibatch loss along the per-layer gradients (docs/theory.md §4).
 
 The reference throughout is an independent nested-reverse-mode computation on
 f(s) = model.loss(W + s * G), float64, on tiny seeded networks.
@@ -135,7 +135,7 @@ def test_gram_forms(ab):
     G = gradient(weights, x, y, a, b)
     norms = torch.stack([(g * g).sum() for g in G])
 
-    # Gram form of ||G_k||^2 (SPEC section 1) against autograd's gradient
+    # Gram form of ||G_k||^2 (docs/theory.md §1) against autograd's gradient
     assert max_rel(t1_gram(weights, x, y, a, b), norms) < 1e-10
 
     # u^(k) from K_k and Gamma_(k+1) against jacfwd of the logits along s

@@ -13,6 +13,7 @@ from beyond_eos.config import ConfigError, load_config, validate_config
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = [
     "results/summary.csv",
+    "results/calibration.csv",
     *[f"results/tables/{t}.{e}" for t in ("table1", "table2") for e in ("csv", "md", "tex")],
     *[f"figures/{f}.{e}" for f in ("figure1", "figureS1", "figure2") for e in ("pdf", "png")],
 ]

@@ -1,4 +1,4 @@
-"""Per-run outputs -> results/summary.csv and the tables (SPEC §5).
+"""Per-run outputs -> results/summary.csv and the tables (docs/theory.md §5).
 
 Usage:
     python -m beyond_eos.aggregate --runs DIR [DIR ...] --out results
@@ -39,7 +39,7 @@ CONFIG_COLUMNS = [
 RESULT_COLUMNS = [
     "status", "diverged_step", "collapsed_step", "steps", "total_steps", "final_train_loss",
     "final_train_acc", "test_loss", "test_acc", "srank_last", "stable_rank_last",
-    "sharpness_init", "eos_ratio_init", "max_eos_ratio",
+    "sharpness_init", "sharpness_last", "eos_ratio_init", "eos_ratio_last", "max_eos_ratio",
 ]
 TAYLOR_COLUMNS = ["taylor_points"] + [f"taylor_relerr_{k}" for k in ORDERS]
 SUMMARY_COLUMNS = ["run_id", *CONFIG_COLUMNS, *RESULT_COLUMNS, *TAYLOR_COLUMNS]
@@ -52,6 +52,7 @@ TABLE1_METRICS = {
     "train_loss": "final_train_loss",
     "test_acc": "test_acc",
     "srank_last": "srank_last",
+    "sharpness_last": "sharpness_last",
     "max_eos_ratio": "max_eos_ratio",
 }
 TABLE1_COLUMNS = [

@@ -1,6 +1,7 @@
 """Calibrate the learning-rate grid: plain-SGD sharpness at initialization, per r and seed.
 
-Usage: python -m beyond_eos.calibrate --configfile config/config.yaml --out results/calibration.csv
+Usage:
+    python -m beyond_eos.calibrate --configfile config/config.yaml --out results/calibration.csv
 
 For each r of the grid and each seed, lambda_0 is the top Hessian eigenvalue of the loss on the
 run's own probe batch at its own initialization (exactly the state that training starts from),
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from beyond_eos.config import load_config, run_config
+from beyond_eos.config import load_config, run_config, validate_config
 from beyond_eos.train import Trainer, atomic_write, parse_sets
 
 log = logging.getLogger("beyond_eos.calibrate")
@@ -32,9 +34,10 @@ def sharpness_at_init(cfg) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp)  # builds the same weights and probe as the training run
-        W = [w.double() for w in tr.W]
+        W, m = [w.double() for w in tr.W], cfg.sharpness_probe or cfg.probe_size
         lam, _ = sharpness(
-            W, tr.xp.double(), tr.yp, cfg.a, cfg.b, tol=cfg.lanczos_tol, maxiter=cfg.lanczos_maxiter
+            W, tr.xp[:m].double(), tr.yp[:m], cfg.a, cfg.b,
+            tol=cfg.lanczos_tol, maxiter=cfg.lanczos_maxiter,
         )
     return lam
 
@@ -60,12 +63,19 @@ def calibrate(config: dict) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--configfile", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--configfile", help="workflow YAML config")
+    src.add_argument("--config-json", help="the workflow config as JSON (what the rule passes)")
     p.add_argument("--set", action="append", default=[], help="override, e.g. data.root=/x")
     p.add_argument("--out", default="results/calibration.csv")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    table = calibrate(load_config(args.configfile, parse_sets(args.set)))
+    if args.config_json:
+        config = json.loads(args.config_json)
+        validate_config(config)
+    else:
+        config = load_config(args.configfile, parse_sets(args.set))
+    table = calibrate(config)
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

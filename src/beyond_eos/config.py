@@ -18,7 +18,7 @@ import numpy as np
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-# Which figure shows which scaling's runs (SPEC §5); figure2 is the Taylor check.
+# Which figure shows which scaling's runs (docs/theory.md §5); figure2 is the Taylor check.
 FIGURE_BY_SCALING = {"normalized": "figure1", "none": "figureS1", "relative": "figureS2"}
 
 
@@ -39,12 +39,12 @@ class RunConfig:
     data_root: str = "data"
     n_train: int | None = None  # first n training images (None: all 60,000)
     n_test: int | None = None  # first n test images (None: all 10,000)
-    # model (SPEC §1)
+    # model (docs/theory.md §1)
     depth: int = 8
     width: int = 16
     a: float = 0.5
     b: float = 0.5
-    # optimisation (SPEC §2)
+    # optimisation (docs/theory.md §3)
     batch_size: int = 256
     epochs: int = 10
     max_steps: int | None = None  # cap on steps (None: epochs * full batches per epoch)
@@ -54,12 +54,13 @@ class RunConfig:
     dtype: str = "float32"
     threads: int = 1
     checkpoint_every: int = 500
-    # measurements (SPEC §3)
+    # measurements (docs/theory.md §4)
     probe_size: int = 1024
     measure_every: int = 10
     taylor_every: int = 0  # 0 switches the Taylor instruments off
     taylor_full_points: int = 0  # full T3 tensors at this many log-spaced steps
     sharpness_points: int = 0  # Hessian sharpness at this many log-spaced steps (0: off)
+    sharpness_probe: int | None = None  # sharpness on the first this-many probe images (None: all)
     lanczos_tol: float = 1e-4
     lanczos_maxiter: int = 300
     extra: dict = field(default_factory=dict)  # provenance filled in by the run (not inputs)
@@ -109,6 +110,12 @@ def _check(c: RunConfig) -> None:
     need(c.dtype in ("float32", "float64"), "train.dtype", "float32 or float64", c.dtype)
     need(c.divergence_bound > 0, "train.divergence_bound", "a number > 0", c.divergence_bound)
     need(c.measure_every >= 1, "measure.every", "an integer >= 1", c.measure_every)
+    need(
+        c.sharpness_probe is None or 1 <= c.sharpness_probe <= c.probe_size,
+        "measure.sharpness_probe",
+        f"1..measure.probe_size ({c.probe_size})",
+        c.sharpness_probe,
+    )
 
 
 def fmt_num(x: float) -> str:
@@ -171,6 +178,7 @@ def run_config(config: dict, r: str | float, scaling: str, eta: str | float, see
         taylor_every=ms["taylor_every"],
         taylor_full_points=ms["taylor_full_points"],
         sharpness_points=ms["sharpness_points"],
+        sharpness_probe=ms["sharpness_probe"],
         lanczos_tol=ms["lanczos_tol"],
         lanczos_maxiter=ms["lanczos_maxiter"],
     )

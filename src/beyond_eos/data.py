@@ -13,7 +13,7 @@ c. torchvision's own download, only when ``allow_download`` is set.
 Every file is checked against known facts (IDX header and length, class counts, training
 pixel mean/std, sha256 of the reference file) before anything is written, and files are
 installed by write-to-temporary, fsync, rename, so a crash never leaves a partial file under
-its final name. ``load_mnist`` returns standardized float32 inputs (SPEC section 1).
+its final name. ``load_mnist`` returns standardized float32 inputs (docs/theory.md §1).
 
 CLI: ``python -m beyond_eos.data --root data [--allow-download] [--cache-dir data/cache]``.
 """
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Normalization constants of SPEC section 1: mean and std of the 60,000 training images on
+# Normalization constants of docs/theory.md §1: mean and std of the 60,000 training images on
 # x/255, as rounded to 4 decimals in the usual MNIST recipes. The verified files give
 # mean 0.1306605 and (population) std 0.3081078.
 MNIST_MEAN = 0.1307

@@ -1,4 +1,4 @@
-"""Figures 1, S1, S2 (training dynamics per scaling) and 2 (Taylor check), SPEC §5.
+"""Figures 1, S1, S2 (training dynamics per scaling) and 2 (Taylor check), docs/theory.md §5.
 
 Usage:
     python -m beyond_eos.figures --runs DIR [DIR ...] --summary results/summary.csv \

@@ -52,7 +52,7 @@ def normalized(h_norms: Tensor, d_norms: Tensor, alphas: Tensor, n: int) -> Tens
 
 @register("relative")
 def relative(h_norms: Tensor, d_norms: Tensor, alphas: Tensor, n: int) -> Tensor:
-    """xi_k = n ||D_(l+1)||^2 / (alpha_k^2 ||H_k||^2 ||D_(k+1)||^2): a second reading (SPEC §2).
+    """xi_k = n ||D_(l+1)||^2 / (alpha_k^2 ||H_k||^2 ||D_(k+1)||^2): a second reading (theory §3).
 
     Dividing by the squared norms, relative to the output-gradient norm, makes the first-order
     loss decrease along each layer eta * xi_k * ||G_k||^2 <= eta * ||D_(l+1)||^2 / n, i.e. at

@@ -1,7 +1,7 @@
 """Taylor coefficients T1, T2, T3 of the minibatch loss along the per-layer gradients.
 
 For a batch B and weights W = (W_0..W_l) with gradients G_k of L_B at W, let
-f(s) = L_B(W_0 + s_0 G_0, ..., W_l + s_l G_l) for s in R^(l+1) (SPEC section 3). The
+f(s) = L_B(W_0 + s_0 G_0, ..., W_l + s_l G_l) for s in R^(l+1) (docs/theory.md §4). The
 p-th derivative tensor of f at s = 0 is T^(p); T1_k = ||G_k||_F^2, and an SGD step
 W - tau * G (tau in R^(l+1), one step size per layer) changes the loss by
 -<T1, tau> + (1/2) T2[tau, tau] - (1/6) T3[tau, tau, tau] + O(|tau|^4).
@@ -27,12 +27,12 @@ Two implementations:
   coefficients Z_(k)[{a}]; backward signals carry g, S z_c and the degree-one backward
   jets of g. Every coefficient with two or three layers is an inner product of a backward
   signal at level b+1 with Q_b[a] = Z_(b+1)[{a, b}], the only place two G's meet. At the
-  paper size (l = 8, r = 2) this is about a third of the cost of carrying the full
-  degree-three polynomial (130 coefficients per layer) and about 1/40 of nested autodiff
-  (benchmarks/bench_taylor.py).
+  paper size (l = 8, r = 2) this costs about a third of carrying the full degree-three
+  polynomial (up to 130 coefficients per layer) and 30 to 100 times less than nested
+  autodiff (benchmarks/bench_taylor.py).
 - ``taylor_coefficients_autodiff``: nested torch.func derivatives of f, the oracle.
 
-``t1_gram`` and ``t2_gauss_newton_gram`` evaluate the n x n Gram forms of SPEC section 3
+``t1_gram`` and ``t2_gauss_newton_gram`` evaluate the n x n Gram forms of docs/theory.md §4
 literally; they are slow and exist to check the theory against the fast paths.
 """
 
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from beyond_eos.measures import grad_sqnorm_gram
 from beyond_eos.model import (
     backward,
     cross_entropy,
@@ -292,18 +293,13 @@ def taylor_directional(
     }
 
 
-def t1_gram(
-    weights: list[Tensor], x: Tensor, y: Tensor, a: float = 0.5, b: float = 0.5
-) -> Tensor:
+def t1_gram(weights: list[Tensor], x: Tensor, y: Tensor, a: float = 0.5, b: float = 0.5) -> Tensor:
     """T1_k = ||G_k||_F^2 = (alpha_k^2 / n^2) <H_k H_k^T, D_(k+1) D_(k+1)^T>_F, shape (L,)."""
     pt = _linearize(weights, x, y, a, b, None)
-    n = x.shape[0]
-    out = []
-    for k, alpha in enumerate(pt.alphas):
-        K = pt.H[k] @ pt.H[k].T  # (n, n) feature Gram
-        B = pt.D[k + 1] @ pt.D[k + 1].T  # (n, n) backward Gram
-        out.append(alpha**2 / n**2 * (K * B).sum())
-    return torch.stack(out)
+    return torch.tensor(
+        [grad_sqnorm_gram(pt.H[k], pt.D[k + 1], alpha) for k, alpha in enumerate(pt.alphas)],
+        dtype=torch.float64,
+    )
 
 
 def logit_velocities_gram(

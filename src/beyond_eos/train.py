@@ -1,4 +1,4 @@
-"""One training run: nuP MLP + SGD with depthwise scaling, measured as SPEC §3 says.
+"""One training run: nuP MLP + SGD with depthwise scaling, measured as docs/theory.md §4 says.
 
 Usage (one configuration of the workflow config, outside Snakemake):
     python -m beyond_eos.train --configfile config/config.yaml --r 2 --scaling normalized \
@@ -42,7 +42,7 @@ def select_device(name: str) -> torch.device:
 
 
 def set_determinism(threads: int, device: torch.device) -> None:
-    """Same config, seed and machine -> the same bytes (SPEC §5)."""
+    """Same config, seed and machine -> the same bytes (docs/theory.md §5)."""
     if device.type == "cuda":
         # cuBLAS needs a fixed workspace to be deterministic; must precede its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -127,7 +127,7 @@ class Trainer:
         self.xte, self.yte = put(xte.to(self.dtype)), put(yte)
         self.n_train = len(ytr)
 
-        # network (SPEC §1)
+        # network (docs/theory.md §1)
         self.widths = model.layer_widths(784, cfg.depth, cfg.width, cfg.r, N_CLASSES)
         self.alphas = model.multipliers(self.widths, cfg.a, cfg.b)
         self.alphas_t = torch.tensor(self.alphas, dtype=torch.float64)
@@ -218,7 +218,7 @@ class Trainer:
         measure = t % cfg.measure_every == 0 or t == self.total - 1
         rec: dict[str, float] = {"step": t, "epoch": t // self.spe}
 
-        # forward; stop at once on a non-finite or huge loss (SPEC §2 divergence)
+        # forward; stop at once on a non-finite or huge loss (docs/theory.md §3 divergence)
         H, Z = model.forward(W, x, a, b, self.alphas)
         loss = float(model.cross_entropy(Z[-1], y))
         rec["loss"] = loss
@@ -278,7 +278,7 @@ class Trainer:
     # ---- instruments -------------------------------------------------------------------
 
     def measure_batch(self, rec, H, D, h_norms, d_norms, xi) -> None:
-        """Forward/backward norms, xi, T1 by the Gram form, cumulative updates (SPEC §3)."""
+        """Forward/backward norms, xi, T1 by the Gram form, cumulative updates (theory §4)."""
         n = H[0].shape[0]
         for k in range(1, len(H)):
             rec[f"fwd_{k}"] = float(h_norms[k] ** 2) / (n * H[k].shape[1])
@@ -309,7 +309,7 @@ class Trainer:
         lam_pre = lam if self.cfg.scaling == "none" else self.top_eigenvalue("pre", xi.tolist())
         rec["sharpness_pre"] = lam_pre
         # the effective step is eta * xi_k per layer: stability asks eta * lambda_pre < 2
-        rec["eos_ratio"] = cfg.eta * lam_pre / 2
+        rec["eos_ratio"] = self.cfg.eta * lam_pre / 2
         for key, v in (("sharp_steps", t), ("sharpness", lam), ("sharpness_pre", lam_pre)):
             self.inst.setdefault(key, []).append(v)
         self.inst.setdefault("eos_ratio", []).append(rec["eos_ratio"])
@@ -327,8 +327,9 @@ class Trainer:
         if v0 is not None and not (np.all(np.isfinite(v0)) and np.any(v0)):
             v0 = None
         try:
+            m = cfg.sharpness_probe or cfg.probe_size
             lam, vec = sharpness(
-                [w.double() for w in self.W], self.xp.double(), self.yp, cfg.a, cfg.b,
+                [w.double() for w in self.W], self.xp[:m].double(), self.yp[:m], cfg.a, cfg.b,
                 precond=precond, v0=v0, tol=cfg.lanczos_tol, maxiter=cfg.lanczos_maxiter,
             )
         except (RuntimeError, ValueError, ArithmeticError) as err:
@@ -432,8 +433,10 @@ class Trainer:
             "srank_last": num(f"srank_{cfg.depth}"),
             "stable_rank_last": num(f"stable_{cfg.depth}"),
             "sharpness_init": self.inst["sharpness"][0] if eos else None,
+            "sharpness_last": num("sharpness"),
             "eos_ratio_init": eos[0] if eos else None,
-            "max_eos_ratio": max(eos) if eos else None,
+            "eos_ratio_last": num("eos_ratio"),
+            "max_eos_ratio": float(np.nanmax(eos)) if np.isfinite(eos).any() else None,
         }
         if self.status != "diverged":
             s["final_train_loss"], s["final_train_acc"] = evaluate(

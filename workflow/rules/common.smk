@@ -63,4 +63,4 @@ def figure_names():
 def final_outputs():
     tables = expand("results/tables/{t}.{ext}", t=["table1", "table2"], ext=["csv", "md", "tex"])
     figures = expand("figures/{f}.{ext}", f=figure_names(), ext=["pdf", "png"])
-    return ["results/summary.csv", *tables, *figures]
+    return ["results/summary.csv", "results/calibration.csv", *tables, *figures]
