@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,6 +158,8 @@ class Trainer:
         self.inst: dict[str, list] = {}
         self.status, self.diverged_step, self.collapsed_step = "ok", None, None
         self.v0 = {}  # warm starts for Lanczos, per operator
+        # seconds spent in each instrument: logged, never saved (outputs stay byte-identical)
+        self.seconds = dict.fromkeys(("first_order", "sharpness", "taylor"), 0.0)
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -239,14 +242,18 @@ class Trainer:
         xi = self.rule(h_norms, d_norms, self.alphas_t, n)
         tau = cfg.eta * xi
 
+        clock = time.perf_counter()
         if measure:
             self.measure_batch(rec, H, D, h_norms, d_norms, xi)
             self.measure_probe(rec, t)
+            clock = self.tick("first_order", clock)
         if cfg.sharpness_points and t in self.sharp_steps:
             self.measure_sharpness(rec, t, xi)
+            clock = self.tick("sharpness", clock)
         taylor = cfg.taylor_every > 0 and t % cfg.taylor_every == 0
         if taylor:
             loss_before = self.measure_taylor_before(rec, t, x, y, G, tau)
+            clock = self.tick("taylor", clock)
 
         # SGD step with the scaled gradient
         for k in range(len(W)):
@@ -258,10 +265,12 @@ class Trainer:
 
         if taylor:
             # actual change of the same minibatch's loss across the step
+            clock = time.perf_counter()
             with torch.no_grad():
                 new = float(model.loss([w.double() for w in W], x.double(), y, a, b))
             rec["dL_actual"] = new - loss_before
             self.inst.setdefault("d_actual", []).append(rec["dL_actual"])
+            self.tick("taylor", clock)
 
         if (t + 1) % self.spe == 0 or t == self.total - 1:
             rec["test_loss"], rec["test_acc"] = evaluate(W, self.xte, self.yte, a, b)
@@ -271,6 +280,12 @@ class Trainer:
             )
         self.rows.append(self.row(rec))
         return True
+
+    def tick(self, key: str, since: float) -> float:
+        """Add the time since ``since`` to instrument ``key``; return now."""
+        now = time.perf_counter()
+        self.seconds[key] += now - since
+        return now
 
     def row(self, rec: dict) -> list[str]:
         return [fmt(rec.get(c)) for c in metric_columns(self.cfg.depth)]
@@ -383,6 +398,7 @@ class Trainer:
             total=self.total, initial=self.step, disable=not sys.stderr.isatty(), leave=False
         )
         ce = self.cfg.checkpoint_every
+        start = time.perf_counter()
         while self.step < self.total and self.status != "diverged":
             ok = self.train_step(self.step)
             self.step += 1
@@ -390,6 +406,14 @@ class Trainer:
             if ok and ce and self.step % ce == 0 and self.step < self.total:
                 self.save_checkpoint()
         bar.close()
+        # Wall time stays out of the result files (they must be byte-identical across reruns).
+        total = time.perf_counter() - start
+        spent = " ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        second = self.seconds["sharpness"] + self.seconds["taylor"]
+        log.info(
+            "wall %.1f s; instruments: %s; second-order overhead %.1f%% of the rest",
+            total, spent, 100 * second / max(total - second, 1e-9),
+        )
         return self.finish()
 
     def finish(self) -> dict:
