@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup run quick test bench report lint clean-results
+.PHONY: setup run quick test bench report lint
 
 setup: $(STAMP)
 
@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Paper profile: every configuration of SPEC §4, then tables and figures.
+# Paper profile: every configuration of config/config.yaml, then tables and figures.
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --keep-going --rerun-incomplete
 
-# Quick profile: the same DAG on a few hundred images (about a minute).
+# Quick profile: the same DAG on a few hundred images, written under quick/.
 quick: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --keep-going --rerun-incomplete \
 		--configfile config/quick.yaml
@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_taylor.py
 	$(BIN)/python benchmarks/bench_overhead.py
 
+# One self-contained HTML file of the paper profile's figures and tables.
 report: $(STAMP)
 	$(BIN)/snakemake --report report.html
 

@@ -202,6 +202,18 @@ def test_table1_counts_and_moments(runs, outputs):
 
 
 @pytest.mark.slow
+def test_table3_puts_scalings_side_by_side(outputs):
+    t1 = pd.read_csv(outputs[0] / "results" / "tables" / "table1.csv")
+    t3 = pd.read_csv(outputs[0] / "results" / "tables" / "table3.csv", dtype=str)
+    assert len(t3) == t1.groupby(["r", "eta"]).ngroups
+    for scaling in ("none", "normalized"):
+        assert f"{scaling}: diverged" in t3.columns
+    row = t1[(t1.r == 1.0) & (t1.scaling == "normalized") & (t1.eta == 0.5)].iloc[0]
+    cell = t3[(t3.r == "1") & (t3.eta == "0.5")]["normalized: test_acc"].iloc[0]
+    assert cell == f"{row.test_acc_mean:.3g} ± {row.test_acc_sd:.2g}"
+    assert aggregate.pm(float("nan"), float("nan")) == "-"
+
+
 def test_table2_pooled_medians(runs, outputs):
     _, made = runs
     t2 = pd.read_csv(outputs[0] / "results" / "tables" / "table2.csv")
@@ -227,7 +239,7 @@ def test_figures_written(outputs):
 def test_byte_identical_rerun(outputs):
     first, second = outputs
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert len(files) == 1 + 6 + 6  # summary, two tables x 3 formats, three figures x 2
+    assert len(files) == 1 + 9 + 6  # summary, three tables x 3 formats, three figures x 2
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     for rel in files:
         assert digest(first / rel) == digest(second / rel), rel

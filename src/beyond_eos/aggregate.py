@@ -67,7 +67,8 @@ CAPTIONS = {
         "Table 1. Per (r, scaling, eta) over seeds. n_seeds counts all seeds, n_diverged"
         " those stopped by divergence, n_collapsed those whose last hidden layer died on the"
         " probe batch at some step. Means and sample sds (ddof 1) of the final training loss,"
-        " test accuracy, last-hidden-layer soft rank and max EOS ratio are over the"
+        " test accuracy, last-hidden-layer soft rank, final plain sharpness and max EOS ratio"
+        " are over the"
         " non-diverged seeds only; sd is empty with fewer than two."
     ),
     "table2": (
@@ -77,7 +78,15 @@ CAPTIONS = {
         " steps; one whose actual change is exactly zero has no relative error and is left"
         " out of the medians."
     ),
+    "table3": (
+        "Table 3. The scalings side by side per (r, eta), from Table 1: diverged seeds out of"
+        " all, then mean ± sd over the non-diverged seeds of the final training loss, test"
+        " accuracy, last-hidden-layer soft rank, final plain sharpness and max EOS ratio"
+        " (eta lambda_pre / 2). A dash: every seed diverged, or not measured."
+    ),
 }
+# Table 3: the columns of Table 1 shown per scaling, as "mean ± sd" text
+TABLE3_METRICS = ["train_loss", "test_acc", "srank_last", "sharpness_last", "max_eos_ratio"]
 
 
 class RunFolderError(FileNotFoundError):
@@ -192,7 +201,8 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
         df[c] = df[c].astype("Int64")
     float_cols = [
         "r", "eta", "a", "b", "final_train_loss", "final_train_acc", "test_loss", "test_acc",
-        "srank_last", "stable_rank_last", "sharpness_init", "eos_ratio_init", "max_eos_ratio",
+        "srank_last", "stable_rank_last", "sharpness_init", "sharpness_last", "eos_ratio_init",
+        "eos_ratio_last", "max_eos_ratio",
     ]
     df[float_cols] = df[float_cols].astype("float64")
     return df
@@ -229,6 +239,27 @@ def table2(runs: list[Run]) -> pd.DataFrame:
         row.update({f"median_relerr_{k}": median_or_nan(err[f"relerr_{k}"]) for k in ORDERS})
         rows.append(row)
     return pd.DataFrame.from_records(rows, columns=TABLE2_COLUMNS)
+
+
+def pm(mean: float, sd: float) -> str:
+    """'mean ± sd' with 3 significant digits; '-' when there is no mean."""
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.3g}" if pd.isna(sd) else f"{mean:.3g} ± {sd:.2g}"
+
+
+def table3(t1: pd.DataFrame) -> pd.DataFrame:
+    """Per (r, eta): each scaling's diverged count and mean ± sd cells side by side."""
+    rows = []
+    for (r, eta), g in t1.groupby(["r", "eta"], sort=True):
+        row = {"r": r, "eta": eta}
+        for _, t in g.sort_values("scaling").iterrows():
+            s = t["scaling"]
+            row[f"{s}: diverged"] = f"{t['n_diverged']}/{t['n_seeds']}"
+            for m in TABLE3_METRICS:
+                row[f"{s}: {m}"] = pm(t[f"{m}_mean"], t[f"{m}_sd"])
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -275,8 +306,10 @@ def aggregate(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
     # full precision in the per-run file: pandas writes the shortest round-trip repr
     write_text(out / "summary.csv", summary.to_csv(index=False, na_rep=""))
     log.info("wrote %s (%d runs)", out / "summary.csv", len(summary))
-    write_table(table1(summary), out / "tables", "table1")
+    t1 = table1(summary)
+    write_table(t1, out / "tables", "table1")
     write_table(table2(runs), out / "tables", "table2")
+    write_table(table3(t1), out / "tables", "table3")
     return summary
 
 

@@ -28,7 +28,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one training run depends on. Written as config.json beside its results."""
+    """Everything one training run depends on. Written as config.json beside its results.
+
+    The defaults serve direct use from Python (the tests); the workflow's profiles set every
+    field from config/*.yaml, so none of these defaults reaches a profile's results.
+    """
 
     # grid point
     r: float
@@ -123,9 +127,13 @@ def fmt_num(x: float) -> str:
     return np.format_float_positional(float(x), trim="-")
 
 
+# A run's name; the workflow uses the same text as its wildcard pattern.
+RUN_ID = "r{r}-{scaling}-eta{eta}-s{seed}"
+
+
 def run_id(r: float, scaling: str, eta: float, seed: int) -> str:
     """The run's name; every output path of a run derives from it."""
-    return f"r{fmt_num(r)}-{scaling}-eta{fmt_num(eta)}-s{int(seed)}"
+    return RUN_ID.format(r=fmt_num(r), scaling=scaling, eta=fmt_num(eta), seed=int(seed))
 
 
 def run_dir(results_root: str | Path, r: float, scaling: str, eta: float, seed: int) -> Path:
@@ -147,7 +155,10 @@ def lookup(values: list, text: str, key: str) -> float:
     for v in values:
         if fmt_num(v) == text:
             return v
-    raise ConfigError(f"'{text}' is not in config key '{key}' ({[fmt_num(v) for v in values]})")
+    raise ConfigError(
+        f"'{text}' is not in config key '{key}' ({[fmt_num(v) for v in values]}); "
+        f"pick one of those, or add yours, e.g. --set {key}=[{text}]"
+    )
 
 
 def run_config(config: dict, r: str | float, scaling: str, eta: str | float, seed) -> RunConfig:
@@ -188,6 +199,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a workflow YAML config, apply nested overrides, and validate it like the workflow."""
     import yaml
 
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} not found; the profiles are config/config.yaml "
+                          "(paper) and config/quick.yaml")
     with open(path) as f:
         config = yaml.safe_load(f)
     for key, value in (overrides or {}).items():

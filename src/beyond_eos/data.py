@@ -519,6 +519,16 @@ def load_mnist(
             f"the workflow's data rule, or `python -m beyond_eos.data --root {root}`"
         )
 
+    # The data rule verifies only when it runs; a file changed since then (or a user's copy
+    # the rule never saw) must not reach training. A hash of 55 MB costs a fraction of a second.
+    for name in needed:
+        digest = hashlib.sha256((raw / name).read_bytes()).hexdigest()
+        if digest != IDX_FILES[name].sha256:
+            raise DataError(
+                f"{raw / name} is not the reference MNIST file (sha256 {digest[:12]}...). "
+                f"Delete it and run `python -m beyond_eos.data --root {root}` to rebuild it"
+            )
+
     # Imported here: torch and torchvision take seconds to import, and the data rule
     # (prepare_mnist) needs neither.
     import torch

@@ -192,7 +192,9 @@ def dynamics_figure(runs: list[Run], summary: pd.DataFrame, scaling: str, smooth
         col[3].set_xlabel("learning rate η")
     axes[0, 0].set_ylabel(f"training loss\n(running mean, {smooth} steps)")
     axes[1, 0].set_ylabel(f"soft rank of H_{depth}\n(last hidden layer)")
-    axes[2, 0].set_ylabel("EOS ratio η λ / 2" if has_eos else "test accuracy")
+    # normalized runs: the step is -eta P G, so the curvature that matters is lambda_pre
+    eos_label = "EOS ratio η λ_pre / 2" if scaling != "none" else "EOS ratio η λ / 2"
+    axes[2, 0].set_ylabel(eos_label if has_eos else "test accuracy")
     axes[3, 0].set_ylabel("final test accuracy")
 
     handles = [Line2D([], [], color=c, lw=2, label=f"η = {fmt_num(e)}") for e, c in colors.items()]

@@ -1,8 +1,8 @@
 """One training run: nuP MLP + SGD with depthwise scaling, measured as docs/theory.md §4 says.
 
 Usage (one configuration of the workflow config, outside Snakemake):
-    python -m beyond_eos.train --configfile config/config.yaml --r 2 --scaling normalized \
-        --eta 1 --seed 0 [--set train.epochs=1 ...] [--out DIR]
+    python -m beyond_eos.train --configfile config/config.yaml --r 2 \
+        --scaling normalized --eta 1 --seed 0 [--set train.epochs=1 ...] [--out DIR]
 Writes DIR/config.json, DIR/metrics.csv, DIR/instruments.npz and DIR/summary.json
 (schemas in docs/outputs.md). A run that diverges is a result, not an error.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from beyond_eos import measures, model
-from beyond_eos.config import RunConfig, load_config, run_config, run_dir, run_id
+from beyond_eos.config import ConfigError, RunConfig, load_config, run_config, run_id
 from beyond_eos.scaling import get_scaling
 
 log = logging.getLogger("beyond_eos.train")
@@ -43,12 +43,19 @@ def select_device(name: str) -> torch.device:
 
 
 def set_determinism(threads: int, device: torch.device) -> None:
-    """Same config, seed and machine -> the same bytes (docs/theory.md §5)."""
+    """Same config, seed and machine -> the same bytes (README, "Determinism").
+
+    Fixes torch's thread count and, through threadpoolctl, the BLAS behind numpy/scipy
+    (Lanczos): a sum split over another number of threads rounds differently.
+    """
+    from threadpoolctl import threadpool_limits
+
     if device.type == "cuda":
         # cuBLAS needs a fixed workspace to be deterministic; must precede its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 def derived_seed(seed: int, stream: int) -> int:
@@ -432,7 +439,8 @@ class Trainer:
         atomic_write(self.out / "instruments.npz", npz.getvalue())
 
         summary = self.summary(cols, a, b)
-        atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        text = json.dumps(summary, indent=2, allow_nan=False)  # NaN is written as null
+        atomic_write(self.out / "summary.json", (text + "\n").encode())
         self.ckpt_path.unlink(missing_ok=True)
         log.info("finished %s: status %s", self.out.name, self.status)
         return summary
@@ -463,11 +471,16 @@ class Trainer:
             "max_eos_ratio": float(np.nanmax(eos)) if np.isfinite(eos).any() else None,
         }
         if self.status != "diverged":
-            s["final_train_loss"], s["final_train_acc"] = evaluate(
-                self.W, self.xtr, self.ytr, a, b
-            )
-            s["test_loss"], s["test_acc"] = num("test_loss"), num("test_acc")
-        return s
+            loss, acc = evaluate(self.W, self.xtr, self.ytr, a, b)
+            if not math.isfinite(loss) or loss > cfg.divergence_bound:
+                # the last update blew up: no later step was there to see it
+                s["status"], s["diverged_step"] = "diverged", self.total
+                self.status, self.diverged_step = "diverged", self.total
+                log.warning("diverged after the last step: training loss %r", loss)
+            else:
+                s["final_train_loss"], s["final_train_acc"] = loss, acc
+                s["test_loss"], s["test_acc"] = num("test_loss"), num("test_acc")
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s.items()}
 
 
 def train(cfg: RunConfig, out_dir: str | Path) -> dict:
@@ -511,21 +524,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eta", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], help="override, e.g. train.epochs=1")
-    p.add_argument("--out", help="output folder (default: results/runs/<run id>)")
+    # Not results/runs/: that folder belongs to the workflow, which must not mistake a
+    # hand-made run for one of its own.
+    p.add_argument("--out", help="output folder (default: results/single/<run id>)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.run_config:
-        cfg = RunConfig(**json.loads(args.run_config))
-    else:
-        missing = [k for k in ("r", "scaling", "eta", "seed") if getattr(args, k) is None]
-        if missing:
-            p.error(f"--configfile needs --{' --'.join(missing)}")
-        config = load_config(args.configfile, parse_sets(args.set))
-        cfg = run_config(config, args.r, args.scaling, args.eta, args.seed)
-    out = args.out or run_dir("results", cfg.r, cfg.scaling, cfg.eta, cfg.seed)
+    try:
+        if args.run_config:
+            cfg = RunConfig(**json.loads(args.run_config))
+        else:
+            missing = [k for k in ("r", "scaling", "eta", "seed") if getattr(args, k) is None]
+            if missing:
+                p.error(f"--configfile needs --{' --'.join(missing)}")
+            config = load_config(args.configfile, parse_sets(args.set))
+            cfg = run_config(config, args.r, args.scaling, args.eta, args.seed)
+    except ConfigError as err:  # bad input: say what and how to fix, no traceback
+        log.error("%s", err)
+        return 2
+    out = args.out or Path("results") / "single" / run_id(cfg.r, cfg.scaling, cfg.eta, cfg.seed)
     train(cfg, out)
     return 0
 

@@ -5,19 +5,24 @@ rule aggregate:
     input:
         runs=expand("{d}/{f}", d=run_dirs(), f=["metrics.csv", "summary.json", "config.json"]),
     output:
-        summary=report("results/summary.csv", caption="../report/summary.rst", category="Tables"),
+        summary=report(
+            out("results/summary.csv"), caption="../report/summary.rst", category="Tables"
+        ),
         tables=[
-            report(f"results/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables")
-            for t in ("table1", "table2")
+            report(
+                out(f"results/tables/{t}.{ext}"), caption=f"../report/{t}.rst", category="Tables"
+            )
+            for t in ("table1", "table2", "table3")
             for ext in ("csv", "md", "tex")
         ],
     params:
         py=PY,
         runs=run_dirs(),
+        out=out("results"),
     log:
-        "logs/aggregate.log",
+        out("logs/aggregate.log"),
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{params.py} -m beyond_eos.aggregate --runs {params.runs} --out results > {log} 2>&1"
+        "{params.py} -m beyond_eos.aggregate --runs {params.runs} --out {params.out} > {log} 2>&1"

@@ -6,12 +6,16 @@ rule calibrate:
     input:
         rules.mnist.output,
     output:
-        report("results/calibration.csv", caption="../report/calibration.rst", category="Tables"),
+        report(
+            out("results/calibration.csv"),
+            caption="../report/calibration.rst",
+            category="Tables",
+        ),
     params:
         py=PY,
         config=shlex.quote(json.dumps(config, sort_keys=True)),
     log:
-        "logs/calibrate.log",
+        out("logs/calibrate.log"),
     resources:
         mem_mb=4000,
         runtime=20,

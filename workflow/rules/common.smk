@@ -10,8 +10,8 @@ from snakemake.utils import validate
 
 # The package is installed editable (pip -e); fall back to the source tree for bare checkouts.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from beyond_eos.config import ConfigError, check_cross_fields, grid_points, run_config, run_id
-from beyond_eos.config import FIGURE_BY_SCALING, schema_errors
+from beyond_eos.config import ConfigError, check_cross_fields, grid_points, run_config, run_dir
+from beyond_eos.config import FIGURE_BY_SCALING, RUN_ID, schema_errors
 
 # A typo or bad value fails here, before any job is planned. Snakemake's validate is the gate;
 # on failure we restate every violation in one line each (key, value, what is allowed).
@@ -27,13 +27,23 @@ except ConfigError as err:
 
 PY = shlex.quote(sys.executable)  # the interpreter running snakemake runs the jobs too
 RAW = f"{config['data']['root']}/MNIST/raw"
+# Each profile writes under its own folder (config key outdir; "." for the paper profile),
+# so the quick profile can never overwrite the paper's results.
+OUTDIR = config.get("outdir", ".")
+
+
+def out(path):
+    """A workflow output path under the profile's outdir."""
+    return path if OUTDIR in ("", ".") else f"{OUTDIR}/{path}"
+
+
 IDX = [
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 ]
-RUN = "results/runs/r{r}-{scaling}-eta{eta}-s{seed}"
+RUN = out(f"results/runs/{RUN_ID}")
 
 
 wildcard_constraints:
@@ -45,9 +55,7 @@ wildcard_constraints:
 
 def run_dirs():
     """Every run folder of the grid, in the config's order."""
-    return [
-        "results/runs/" + run_id(r, s, eta, seed) for r, s, eta, seed in grid_points(config)
-    ]
+    return [str(run_dir(out("results"), *point)) for point in grid_points(config)]
 
 
 def run_json(wildcards):
@@ -61,6 +69,8 @@ def figure_names():
 
 
 def final_outputs():
-    tables = expand("results/tables/{t}.{ext}", t=["table1", "table2"], ext=["csv", "md", "tex"])
-    figures = expand("figures/{f}.{ext}", f=figure_names(), ext=["pdf", "png"])
-    return ["results/summary.csv", "results/calibration.csv", *tables, *figures]
+    tables = expand(
+        out("results/tables/{t}.{ext}"), t=["table1", "table2", "table3"], ext=["csv", "md", "tex"]
+    )
+    figures = expand(out("figures/{f}.{ext}"), f=figure_names(), ext=["pdf", "png"])
+    return [out("results/summary.csv"), out("results/calibration.csv"), *tables, *figures]

@@ -11,7 +11,7 @@ rule mnist:
         cache=config["data"].get("cache", f"{config['data']['root']}/cache"),
         download="--allow-download" if config["data"]["allow_download"] else "",
     log:
-        "logs/data/mnist.log",
+        out("logs/data/mnist.log"),
     resources:
         mem_mb=2000,
         runtime=10,

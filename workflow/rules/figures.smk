@@ -3,11 +3,11 @@
 
 rule figures:
     input:
-        summary="results/summary.csv",
+        summary=out("results/summary.csv"),
         runs=expand("{d}/{f}", d=run_dirs(), f=["metrics.csv", "summary.json", "config.json"]),
     output:
         [
-            report(f"figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures")
+            report(out(f"figures/{f}.{ext}"), caption=f"../report/{f}.rst", category="Figures")
             for f in figure_names()
             for ext in ("pdf", "png")
         ],
@@ -16,11 +16,12 @@ rule figures:
         runs=run_dirs(),
         smooth=config["figures"]["smooth"],
         dpi=config["figures"]["dpi"],
+        out=out("figures"),
     log:
-        "logs/figures.log",
+        out("logs/figures.log"),
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
         "{params.py} -m beyond_eos.figures --runs {params.runs} --summary {input.summary}"
-        " --out figures --smooth {params.smooth} --dpi {params.dpi} > {log} 2>&1"
+        " --out {params.out} --smooth {params.smooth} --dpi {params.dpi} > {log} 2>&1"

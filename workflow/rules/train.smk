@@ -19,9 +19,9 @@ rule train:
         runtime=60,
         gpu=lambda wc: 1 if config["train"]["device"] == "cuda" else 0,
     log:
-        "logs/train/r{r}-{scaling}-eta{eta}-s{seed}.log",
+        out(f"logs/train/{RUN_ID}.log"),
     benchmark:
-        "logs/benchmarks/train/r{r}-{scaling}-eta{eta}-s{seed}.tsv"
+        out(f"logs/benchmarks/train/{RUN_ID}.tsv")
     shell:
         "{params.py} -m beyond_eos.train --run-config {params.run} --out {params.out}"
         " > {log} 2>&1"
