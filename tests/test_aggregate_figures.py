@@ -185,6 +185,8 @@ def test_table1_counts_and_moments(runs, outputs):
         g = group(*key)
         sums = [made[(*key, seed)][0] for seed in (0, 1)]
         for name, col in aggregate.TABLE1_METRICS.items():
+            if col in aggregate.TRAJECTORY_COLUMNS:  # from metrics.csv, checked below
+                continue
             a, b = (x[col] for x in sums)
             assert g[f"{name}_mean"] == pytest.approx((a + b) / 2, rel=1e-5)
             assert g[f"{name}_sd"] == pytest.approx(abs(a - b) / math.sqrt(2), rel=1e-5)
@@ -202,6 +204,14 @@ def test_table1_counts_and_moments(runs, outputs):
 
 
 @pytest.mark.slow
+def test_max_loss_is_the_worst_finite_minibatch_loss(runs, outputs):
+    root, _ = runs
+    summary = pd.read_csv(outputs[0] / "results" / "summary.csv")
+    for _, row in summary.iterrows():
+        loss = pd.read_csv(root / row.run_id / "metrics.csv")["loss"]
+        assert row.max_loss == pytest.approx(loss[np.isfinite(loss)].max())
+
+
 def test_table3_puts_scalings_side_by_side(outputs):
     t1 = pd.read_csv(outputs[0] / "results" / "tables" / "table1.csv")
     t3 = pd.read_csv(outputs[0] / "results" / "tables" / "table3.csv", dtype=str)

@@ -42,13 +42,19 @@ RESULT_COLUMNS = [
     "sharpness_init", "sharpness_last", "eos_ratio_init", "eos_ratio_last", "max_eos_ratio",
 ]
 TAYLOR_COLUMNS = ["taylor_points"] + [f"taylor_relerr_{k}" for k in ORDERS]
-SUMMARY_COLUMNS = ["run_id", *CONFIG_COLUMNS, *RESULT_COLUMNS, *TAYLOR_COLUMNS]
+# from metrics.csv: the worst minibatch loss before any divergence (a loss explosion that the
+# run survived shows here, not in the final loss), and the last preconditioned sharpness
+TRAJECTORY_COLUMNS = ["max_loss", "sharpness_pre_last"]
+SUMMARY_COLUMNS = [
+    "run_id", *CONFIG_COLUMNS, *RESULT_COLUMNS, *TRAJECTORY_COLUMNS, *TAYLOR_COLUMNS
+]
 # integer columns that may be missing: nullable so that 12 is not written as 12.0
 NULLABLE_INT = ["n_train", "n_test", "max_steps", "diverged_step", "collapsed_step"]
 
 # Table 1: means and sds over the seeds that did not diverge (a diverged run has no final
 # loss or accuracy, and its max EOS ratio would only say where it blew up)
 TABLE1_METRICS = {
+    "max_loss": "max_loss",
     "train_loss": "final_train_loss",
     "test_acc": "test_acc",
     "srank_last": "srank_last",
@@ -66,7 +72,8 @@ CAPTIONS = {
     "table1": (
         "Table 1. Per (r, scaling, eta) over seeds. n_seeds counts all seeds, n_diverged"
         " those stopped by divergence, n_collapsed those whose last hidden layer died on the"
-        " probe batch at some step. Means and sample sds (ddof 1) of the final training loss,"
+        " probe batch at some step. Means and sample sds (ddof 1) of the largest minibatch"
+        " loss seen before any divergence (max_loss), the final training loss,"
         " test accuracy, last-hidden-layer soft rank, final plain sharpness and max EOS ratio"
         " are over the"
         " non-diverged seeds only; sd is empty with fewer than two."
@@ -80,13 +87,16 @@ CAPTIONS = {
     ),
     "table3": (
         "Table 3. The scalings side by side per (r, eta), from Table 1: diverged seeds out of"
-        " all, then mean ± sd over the non-diverged seeds of the final training loss, test"
+        " all, then mean ± sd over the non-diverged seeds of the largest minibatch loss, the"
+        " final training loss, test"
         " accuracy, last-hidden-layer soft rank, final plain sharpness and max EOS ratio"
         " (eta lambda_pre / 2). A dash: every seed diverged, or not measured."
     ),
 }
 # Table 3: the columns of Table 1 shown per scaling, as "mean ± sd" text
-TABLE3_METRICS = ["train_loss", "test_acc", "srank_last", "sharpness_last", "max_eos_ratio"]
+TABLE3_METRICS = [
+    "max_loss", "train_loss", "test_acc", "srank_last", "sharpness_last", "max_eos_ratio"
+]
 
 
 class RunFolderError(FileNotFoundError):
@@ -133,7 +143,7 @@ def read_metrics(path: Path, depth: int) -> pd.DataFrame:
     """metrics.csv as floats (empty cell -> NaN), with the columns the stage needs checked."""
     df = pd.read_csv(path, dtype="float64")
     needed = [
-        "step", "loss", f"srank_{depth}", "eos_ratio", "dL_actual",
+        "step", "loss", f"srank_{depth}", "sharpness_pre", "eos_ratio", "dL_actual",
         *[f"dL_{k}" for k in ORDERS], "test_acc",
     ]
     missing = [c for c in needed if c not in df.columns]
@@ -192,6 +202,11 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
         rec = {"run_id": run.summary["run_id"]}
         rec.update({c: run.config.get(c) for c in CONFIG_COLUMNS})
         rec.update({c: run.summary.get(c) for c in RESULT_COLUMNS})
+        m = run.metrics
+        finite = m["loss"][np.isfinite(m["loss"])]
+        rec["max_loss"] = finite.max() if len(finite) else np.nan
+        pre = m["sharpness_pre"].dropna()
+        rec["sharpness_pre_last"] = pre.iloc[-1] if len(pre) else np.nan
         err = taylor_errors(run.metrics)
         rec["taylor_points"] = len(err)
         rec.update({f"taylor_relerr_{k}": median_or_nan(err[f"relerr_{k}"]) for k in ORDERS})
@@ -202,7 +217,7 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
     float_cols = [
         "r", "eta", "a", "b", "final_train_loss", "final_train_acc", "test_loss", "test_acc",
         "srank_last", "stable_rank_last", "sharpness_init", "sharpness_last", "eos_ratio_init",
-        "eos_ratio_last", "max_eos_ratio",
+        "eos_ratio_last", "max_eos_ratio", *TRAJECTORY_COLUMNS,
     ]
     df[float_cols] = df[float_cols].astype("float64")
     return df
