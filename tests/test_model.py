@@ -117,3 +117,20 @@ def test_feature_ranks_use_either_gram():
         assert math.isclose(stable, float(torch.trace(K) / torch.linalg.eigvalsh(K)[-1]),
                             rel_tol=1e-10)
         assert 1 <= stable <= srank <= min(shape) + 1e-9
+
+
+def test_relative_scaling_bounds_first_order_decrease_per_layer():
+    # eta xi_k ||G_k||^2 <= eta ||D_(l+1)||^2 / n: the second reading's promise (theory §3)
+    widths, W, x, y = small_net(depth=4, r=2, n=16)
+    n, eta = len(y), 0.3
+    alphas = model.multipliers(widths, 0.5, 0.5)
+    H, Z = model.forward(W, x, 0.5, 0.5, alphas)
+    D = model.backward(W, H, Z, y, 0.5, 0.5, alphas)
+    G = model.gradients(H, D, alphas)
+    hn = torch.stack([h.norm() for h in H])
+    dn = torch.stack([d.norm() for d in D[1:]])
+    xi = get_scaling("relative")(hn, dn, torch.tensor(alphas, dtype=torch.float64), n)
+    bound = eta * float(D[-1].pow(2).sum()) / n
+    for k in range(len(W)):
+        decrease = eta * float(xi[k]) * float(G[k].pow(2).sum())
+        assert 0 < decrease <= bound * (1 + 1e-12)
