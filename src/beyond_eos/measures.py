@@ -1,4 +1,4 @@
-"""First-order instruments (docs/theory.md §4): norms, Gram forms, soft rank, cumulative updates."""
+"""First-order instruments (theory §4): norms, Gram forms, soft rank, cumulative updates."""
 
 from __future__ import annotations
 
