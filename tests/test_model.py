@@ -68,16 +68,24 @@ def test_gram_form_of_gradient_norm_equals_autograd():
         assert math.isclose(gram, float(g.pow(2).sum()), rel_tol=1e-10)
 
 
-def test_normalized_update_norm_bounded_by_eta():
-    widths, W, x, y = small_net(depth=4, r=2, n=16)
-    n, eta = len(y), 0.7
+def scaled_step(scaling, n):
+    """(W, H, D, G, xi) of one step of a depth-4, r = 2 net on n samples under ``scaling``."""
+    widths, W, x, y = small_net(depth=4, r=2, n=n)
     alphas = model.multipliers(widths, 0.5, 0.5)
     H, Z = model.forward(W, x, 0.5, 0.5, alphas)
     D = model.backward(W, H, Z, y, 0.5, 0.5, alphas)
     G = model.gradients(H, D, alphas)
     hn = torch.stack([h.norm() for h in H])
     dn = torch.stack([d.norm() for d in D[1:]])
-    xi = get_scaling("normalized")(hn, dn, torch.tensor(alphas, dtype=torch.float64), n)
+    xi = get_scaling(scaling)(hn, dn, torch.tensor(alphas, dtype=torch.float64), n)
+    return W, H, D, G, xi
+
+
+def test_normalized_update_norm_bounded_by_eta():
+    n, eta = 16, 0.7
+    W, H, D, G, xi = scaled_step("normalized", n)
+    hn = torch.stack([h.norm() for h in H])
+    dn = torch.stack([d.norm() for d in D[1:]])
     for k in range(len(W)):
         step = eta * xi[k] * G[k]
         # ||Delta W_k|| = eta sqrt(<Khat_k, Ghat_(k+1)>) with trace-one Grams
@@ -121,15 +129,8 @@ def test_feature_ranks_use_either_gram():
 
 def test_relative_scaling_bounds_first_order_decrease_per_layer():
     # eta xi_k ||G_k||^2 <= eta ||D_(l+1)||^2 / n: the second reading's promise (theory §3)
-    widths, W, x, y = small_net(depth=4, r=2, n=16)
-    n, eta = len(y), 0.3
-    alphas = model.multipliers(widths, 0.5, 0.5)
-    H, Z = model.forward(W, x, 0.5, 0.5, alphas)
-    D = model.backward(W, H, Z, y, 0.5, 0.5, alphas)
-    G = model.gradients(H, D, alphas)
-    hn = torch.stack([h.norm() for h in H])
-    dn = torch.stack([d.norm() for d in D[1:]])
-    xi = get_scaling("relative")(hn, dn, torch.tensor(alphas, dtype=torch.float64), n)
+    n, eta = 16, 0.3
+    W, H, D, G, xi = scaled_step("relative", n)
     bound = eta * float(D[-1].pow(2).sum()) / n
     for k in range(len(W)):
         decrease = eta * float(xi[k]) * float(G[k].pow(2).sum())

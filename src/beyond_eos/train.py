@@ -161,6 +161,7 @@ class Trainer:
         self.g_sample = torch.Generator().manual_seed(derived_seed(cfg.seed, 1))
         self.perm = None
         self.step = 0
+        self.cols = metric_columns(cfg.depth)  # fixed for the run; built once, not per step
         self.rows: list[list[str]] = []
         self.inst: dict[str, list] = {}
         self.status, self.diverged_step, self.collapsed_step = "ok", None, None
@@ -295,7 +296,7 @@ class Trainer:
         return now
 
     def row(self, rec: dict) -> list[str]:
-        return [fmt(rec.get(c)) for c in metric_columns(self.cfg.depth)]
+        return [fmt(rec.get(c)) for c in self.cols]
 
     # ---- instruments -------------------------------------------------------------------
 
@@ -425,8 +426,8 @@ class Trainer:
 
     def finish(self) -> dict:
         """Write metrics.csv, instruments.npz and summary.json, then drop the checkpoint."""
-        cfg, a, b = self.cfg, self.cfg.a, self.cfg.b
-        cols = metric_columns(cfg.depth)
+        a, b = self.cfg.a, self.cfg.b
+        cols = self.cols
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(cols)
