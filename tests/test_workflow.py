@@ -99,7 +99,7 @@ def test_paper_grid_dry_run_lists_every_configuration(tmp_path, mnist_root):
     stats = proc.stdout.split("Job stats:")[1]
     assert f"train {expected}" in " ".join(stats.split())
     assert "results/runs/r2-normalized-eta256-s2/summary.json" in proc.stdout
-    assert set(g["r"]) == {1, 2} and set(g["scaling"]) == {"normalized", "none"}
+    assert set(g["r"]) == {1, 2} and set(g["scaling"]) == {"normalized", "none", "relative"}
 
 
 @pytest.mark.parametrize(

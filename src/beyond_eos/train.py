@@ -1,4 +1,4 @@
-"""One training run: nuP MLP + SGD with depthwise scaling, measured as docs/theory.md §4 says.
+r"""One training run: nuP MLP + SGD with depthwise scaling, measured as docs/theory.md §4 says.
 
 Usage (one configuration of the workflow config, outside Snakemake):
     python -m beyond_eos.train --configfile config/config.yaml --r 2 \
