@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from beyond_eos.config import FIGURE_BY_SCALING, grid_points, run_id
+from beyond_eos.config import figure_names, grid_points, load_config, run_id
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+CONFIG = load_config(REPO / "config" / "config.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,6 @@ def test_tables_cover_every_configuration():
 
 
 def test_a_figure_per_scaling():
-    names = [FIGURE_BY_SCALING[s] for s in CONFIG["grid"]["scaling"]] + ["figure2"]
-    for name in names:
+    for name in figure_names(CONFIG):
         for ext in ("pdf", "png"):
             assert (REPO / "figures" / f"{name}.{ext}").stat().st_size > 0, name

@@ -140,6 +140,11 @@ def run_dir(results_root: str | Path, r: float, scaling: str, eta: float, seed: 
     return Path(results_root) / "runs" / run_id(r, scaling, eta, seed)
 
 
+def figure_names(config: dict) -> list[str]:
+    """The figures the workflow draws for a config: one per scaling in the grid, then figure2."""
+    return [FIGURE_BY_SCALING[s] for s in config["grid"]["scaling"]] + ["figure2"]
+
+
 def grid_points(config: dict) -> list[tuple[float, str, float, int]]:
     """Every (r, scaling, eta, seed) of the workflow config, in a fixed order."""
     g = config["grid"]

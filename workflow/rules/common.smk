@@ -11,7 +11,7 @@ from snakemake.utils import validate
 # The package is installed editable (pip -e); fall back to the source tree for bare checkouts.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from beyond_eos.config import ConfigError, check_cross_fields, grid_points, run_config, run_dir
-from beyond_eos.config import FIGURE_BY_SCALING, RUN_ID, schema_errors
+from beyond_eos.config import RUN_ID, figure_names, schema_errors
 
 # A typo or bad value fails here, before any job is planned. Snakemake's validate is the gate;
 # on failure we restate every violation in one line each (key, value, what is allowed).
@@ -64,13 +64,9 @@ def run_json(wildcards):
     return shlex.quote(json.dumps(asdict(cfg), sort_keys=True))
 
 
-def figure_names():
-    return [FIGURE_BY_SCALING[s] for s in config["grid"]["scaling"]] + ["figure2"]
-
-
 def final_outputs():
     tables = expand(
         out("results/tables/{t}.{ext}"), t=["table1", "table2", "table3"], ext=["csv", "md", "tex"]
     )
-    figures = expand(out("figures/{f}.{ext}"), f=figure_names(), ext=["pdf", "png"])
+    figures = expand(out("figures/{f}.{ext}"), f=figure_names(config), ext=["pdf", "png"])
     return [out("results/summary.csv"), out("results/calibration.csv"), *tables, *figures]

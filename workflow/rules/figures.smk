@@ -8,7 +8,7 @@ rule figures:
     output:
         [
             report(out(f"figures/{f}.{ext}"), caption=f"../report/{f}.rst", category="Figures")
-            for f in figure_names()
+            for f in figure_names(config)
             for ext in ("pdf", "png")
         ],
     params:
